@@ -1,0 +1,67 @@
+"""allotment: budget enforcement for LLM agents. Reserve before every call, settle after."""
+
+from ._budget import Budget, Hold, Remaining
+from ._call import Call, Image
+from ._clock import Clock, ManualClock, SystemClock
+from ._context import current, resolve
+from ._errors import (
+    AffineError,
+    AllotmentError,
+    BudgetClosed,
+    BudgetExceeded,
+    ConfigurationError,
+    DeadlineExceeded,
+    HoldEnded,
+    InvalidAmount,
+    LedgerError,
+    PricingError,
+    RateWindowExceeded,
+    UnknownLedger,
+    UnknownPrice,
+)
+from ._events import Event
+from ._ledger import Ledger, NodeState
+from ._limits import Limits, Rate, Spawn
+from ._plugins import plugins
+from ._pricing import Price
+from ._report import Report
+from ._usage import Estimate, Usage
+from .hookspecs import hookimpl
+
+__all__ = [
+    "AffineError",
+    "AllotmentError",
+    "Budget",
+    "BudgetClosed",
+    "BudgetExceeded",
+    "Call",
+    "Clock",
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "Estimate",
+    "Event",
+    "Hold",
+    "HoldEnded",
+    "Image",
+    "InvalidAmount",
+    "Ledger",
+    "LedgerError",
+    "Limits",
+    "ManualClock",
+    "NodeState",
+    "Price",
+    "PricingError",
+    "Rate",
+    "RateWindowExceeded",
+    "Remaining",
+    "Report",
+    "Spawn",
+    "SystemClock",
+    "UnknownLedger",
+    "UnknownPrice",
+    "Usage",
+    "current",
+    "hookimpl",
+    "plugins",
+    "resolve",
+]

@@ -1,0 +1,1 @@
+"""allotment for autogen."""

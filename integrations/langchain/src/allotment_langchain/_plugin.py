@@ -1,0 +1,1 @@
+"""Entry-point plugin of allotment-langchain. It must not import the framework at import time."""

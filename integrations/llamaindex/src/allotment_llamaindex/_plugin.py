@@ -1,0 +1,1 @@
+"""Entry-point plugin of allotment-llamaindex. It must not import the framework at import time."""
