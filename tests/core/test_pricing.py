@@ -78,7 +78,7 @@ def test_price_cost_prices_each_token_kind_once_exactly() -> None:
     assert p.cost(u) == expected
     # Reserving: a hold cannot tell reasoning from text, so all output at the higher rate.
     reserve = (
-        3_000 * Decimal(3) + 6_000 * Decimal("0.3") + 1_000 * Decimal("3.75") + 2_000 * Decimal(20)
+        4_000 * Decimal("3.75") + 6_000 * Decimal("0.3") + 2_000 * Decimal(20)
     ) / M
     assert p.cost(u, reserving=True) == reserve
 

@@ -3,7 +3,7 @@
 from ._budget import Budget, Hold, Remaining
 from ._call import Call, Image
 from ._clock import Clock, ManualClock, SystemClock
-from ._context import current, resolve
+from ._context import current, resolve, set_default
 from ._errors import (
     AffineError,
     AllotmentError,
@@ -19,16 +19,18 @@ from ._errors import (
     UnknownLedger,
     UnknownPrice,
 )
+from ._estimate import AdaptiveEstimator, SoundEstimator
 from ._events import Event
 from ._ledger import Ledger, NodeState
 from ._limits import Limits, Rate, Spawn
 from ._plugins import plugins
-from ._pricing import Price
+from ._pricing import GenaiPrices, Price, PriceTable
 from ._report import Report
 from ._usage import Estimate, Usage
 from .hookspecs import hookimpl
 
 __all__ = [
+    "AdaptiveEstimator",
     "AffineError",
     "AllotmentError",
     "Budget",
@@ -40,6 +42,7 @@ __all__ = [
     "DeadlineExceeded",
     "Estimate",
     "Event",
+    "GenaiPrices",
     "Hold",
     "HoldEnded",
     "Image",
@@ -50,11 +53,13 @@ __all__ = [
     "ManualClock",
     "NodeState",
     "Price",
+    "PriceTable",
     "PricingError",
     "Rate",
     "RateWindowExceeded",
     "Remaining",
     "Report",
+    "SoundEstimator",
     "Spawn",
     "SystemClock",
     "UnknownLedger",
@@ -64,4 +69,5 @@ __all__ = [
     "hookimpl",
     "plugins",
     "resolve",
+    "set_default",
 ]

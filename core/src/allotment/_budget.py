@@ -454,11 +454,19 @@ class Budget:
         child._emit("open", detail={"limits": dict(spec.limits), "escrow": bool(spec.limits)})
         return child
 
-    def spawn(self, spawn: Spawn, default: Limits | None = None) -> Budget:
-        """Open a child for a sub-agent an integration detected, with limits from the
-        child-limits hook (else ``default``, else no limits of its own)."""
-        limits = self._tree.plugins.child_limits(self, spawn) or default or Limits()
-        return self.allot(spawn.name, limits=limits)
+    def spawn(self, spawn: Spawn, limits: object = None) -> Budget:
+        """Open a child for a sub-agent an integration detected.
+
+        Its limits are ``limits`` when the user configured some for this sub-agent
+        (a Limits, a dollar amount or a mapping), else the child-limits hook's answer,
+        else none of its own (its spend still counts on every ancestor).
+        """
+        chosen = (
+            Limits.of(limits, now=self._tree.clock.now())
+            if limits is not None
+            else self._tree.plugins.child_limits(self, spawn) or Limits()
+        )
+        return self.allot(spawn.name, limits=chosen)
 
     def close(self) -> None:
         """Close this budget and its open descendants; unspent escrow returns to the parent.

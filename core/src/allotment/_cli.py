@@ -53,6 +53,56 @@ def report(
         console.print(render(r, title=f"budget {r.name!r} in {url}"))
 
 
+DEMO_GROUP = "allotment.demos"
+"""Entry-point group where integrations offer a demo: ``main(*, ledger, live, model,
+console) -> None``, raising on a failed outcome."""
+
+
+@app.command()
+def demo(
+    framework: Annotated[
+        list[str] | None,
+        typer.Option("--framework", "-f", help="Run only these frameworks' demos."),
+    ] = None,
+    live: Annotated[
+        bool, typer.Option("--live", help="Use a real provider (needs OPENAI_API_KEY).")
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model for --live (default gpt-4o-mini).")
+    ] = None,
+    ledger: Annotated[
+        str, typer.Option("--ledger", help="Where the demo writes its budgets.")
+    ] = "sqlite:///allotment-demo.db",
+) -> None:
+    """Run real agents under a budget (offline by default) and show what the budget did."""
+    import os
+    from importlib.metadata import entry_points
+
+    console = Console()
+    found = {ep.name: ep for ep in entry_points(group=DEMO_GROUP)}
+    chosen = framework or sorted(found)
+    missing = [name for name in chosen if name not in found]
+    if missing or not chosen:
+        console.print(
+            f"[red]no demo for {missing or 'any framework'}[/red]; installed: "
+            f"{sorted(found) or 'none'} (install allotment-langchain and friends)"
+        )
+        raise typer.Exit(2)
+    if live and not os.environ.get("OPENAI_API_KEY"):
+        console.print("[red]--live needs OPENAI_API_KEY[/red]; without --live the demo is offline")
+        raise typer.Exit(2)
+    if ledger.startswith("sqlite:///"):
+        from pathlib import Path
+
+        db = ledger[len("sqlite:///") :]
+        for suffix in ("", "-wal", "-shm"):
+            Path(db + suffix).unlink(missing_ok=True)
+    for name in chosen:
+        console.rule(f"[bold]{name}[/bold]")
+        found[name].load()(ledger=ledger, live=live, model=model, console=console)
+    console.print(f"\nThe ledger is in [bold]{ledger}[/bold]: [bold]allotment report {ledger}[/bold]")
+
+
 def _exists(url: str) -> bool:
     from pathlib import Path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextvars import ContextVar
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -26,9 +27,13 @@ def resolve(explicit: Budget | None = None) -> Budget | None:
     return explicit if explicit is not None else current()
 
 
-def push_default(budget: Budget) -> None:
-    """Make ``budget`` the process default (integrations' ``instrument`` uses this)."""
+def set_default(budget: Budget) -> Callable[[], None]:
+    """Make ``budget`` the process default until the returned undo is called.
+
+    Integrations' ``instrument(budget)`` use this; the latest default wins.
+    """
     _default.append(budget)
+    return lambda: pop_default(budget)
 
 
 def pop_default(budget: Budget) -> None:

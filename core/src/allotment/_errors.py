@@ -38,24 +38,6 @@ class PricingError(AllotmentError, LookupError):
     """A cost could not be determined."""
 
 
-class UnknownPrice(PricingError):
-    """No price is known for a model while a dollar cap applies (fail-closed).
-
-    Set a price with ``Budget(prices={model: Price(...)})`` or allow unpriced calls
-    with ``Budget(unknown_price="allow")`` (their cost is then reported as unknown).
-    """
-
-    def __init__(self, model: str | None, path: str) -> None:
-        self.model = model
-        self.path = path
-        super().__init__(
-            f"no price known for model {model!r} and budget {path!r} has a dollar cap; "
-            f"refusing the call rather than counting it as $0. Give a price with "
-            f"Budget(prices={{{model!r}: Price(input_mtok=..., output_mtok=...)}}) "
-            f"or allow it with unknown_price='allow'"
-        )
-
-
 class BudgetExceeded(AllotmentError, RuntimeError):
     """A call was refused because it would exceed a limit.
 
@@ -155,6 +137,27 @@ def _rebuild(cls: type[BudgetExceeded], message: str, *fields: Any) -> BudgetExc
 
 class BudgetClosed(BudgetExceeded):
     """The budget was closed; it refuses every operation."""
+
+
+class UnknownPrice(PricingError, BudgetExceeded):
+    """No price is known for a model while a dollar cap applies (fail-closed).
+
+    Set a price with ``Budget(prices={model: Price(...)})`` or allow unpriced calls
+    with ``Budget(unknown_price="allow")`` (their cost is then reported as unknown).
+    A refusal like any other, so integrations stop their framework on it the same way.
+    """
+
+    def __init__(self, model: str | None, path: str) -> None:
+        self.model = model
+        BudgetExceeded.__init__(
+            self,
+            f"no price known for model {model!r} and budget {path!r} has a dollar cap; "
+            f"refusing the call rather than counting it as $0. Give a price with "
+            f"Budget(prices={{{model!r}: Price(input_mtok=..., output_mtok=...)}}) "
+            f"or allow it with unknown_price='allow'",
+            path=path,
+            limit_name="price",
+        )
 
 
 class DeadlineExceeded(BudgetExceeded):

@@ -40,7 +40,14 @@ from .hookspecs import hookimpl
 if TYPE_CHECKING:
     import tiktoken
 
-__all__ = ["AdaptiveEstimator", "SoundEstimator", "max_output_tokens"]
+__all__ = [
+    "AdaptiveEstimator",
+    "SoundEstimator",
+    "encoding_name",
+    "image_tokens",
+    "load_encoding",
+    "max_output_tokens",
+]
 
 # -- model names -----------------------------------------------------------------------
 
@@ -73,6 +80,15 @@ def _canonical(model: str | None) -> str:
     if name.startswith("claude"):
         name = _DOTTED_VERSION.sub("-", name)
     return name
+
+
+_SNAPSHOT_SUFFIX = re.compile(r"(?:-\d{8}|-\d{4}-\d{2}-\d{2}|-latest)?(?:-v\d+(?::\d+)?)?$")
+
+
+def _model_key(model: str | None) -> str:
+    """The name a model's learned statistics are kept under: dated snapshots, ``-latest``
+    and Bedrock's ``-v1:0`` share their alias's, since they share its tokenizer."""
+    return _SNAPSHOT_SUFFIX.sub("", _canonical(model), count=1)
 
 
 def _vendor(name: str, provider: str | None) -> str | None:
@@ -389,6 +405,9 @@ _SILENT_KEYS = frozenset(
     }
 )
 """Keys that are message structure, not text the model reads (their values still count)."""
+_DATA_KEYS = frozenset({"input", "args", "arguments", "response", "parameters"})
+"""Tool-call arguments and results given as objects reach the model as JSON, punctuation
+and key names included, so they are counted as their JSON rather than leaf by leaf."""
 _MEDIA_KEYS = frozenset({"inline_data", "inlineData", "file_data", "fileData"})
 """Gemini's media parts carry no ``type``."""
 
@@ -441,14 +460,19 @@ class _Sent:
 
     def mapping(self, value: Mapping[Any, Any]) -> None:
         kind = value.get("type")
-        if kind != "text" and (kind is not None or _MEDIA_KEYS.intersection(value)):
-            if self._media(value, kind):
-                return
+        if (
+            kind != "text"
+            and (kind is not None or _MEDIA_KEYS.intersection(value))
+            and self._media(value, kind)
+        ):
+            return
         texts = self.texts
         for key, item in value.items():
             if type(item) is str:
                 if item:
                     texts.append(item)
+            elif key in _DATA_KEYS and isinstance(item, (Mapping, list, tuple)):
+                texts.append(_tool_json(item))
             else:
                 self.value(item)
             if key not in _SILENT_KEYS and isinstance(key, str):
@@ -485,7 +509,15 @@ class _Sent:
 
 
 def _plain(value: Any) -> Any:
-    """A framework object as plain data: pydantic dumps, dataclasses, message-like objects."""
+    """A framework object as plain data: message-like objects, pydantic dumps, dataclasses."""
+    if hasattr(value, "content") and not isinstance(value, type):
+        # Message objects (LangChain's, LlamaIndex's) also carry response metadata that is
+        # never sent back; only these fields reach the model.
+        return {
+            key: getattr(value, key)
+            for key in ("role", "type", "name", "content", "tool_calls")
+            if getattr(value, key, None) is not None
+        }
     dump = getattr(value, "model_dump", None)
     if callable(dump):
         try:
@@ -494,12 +526,6 @@ def _plain(value: Any) -> Any:
             return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if hasattr(value, "content"):
-        return {
-            key: getattr(value, key)
-            for key in ("role", "type", "name", "content", "tool_calls")
-            if getattr(value, key, None) is not None
-        }
     return str(value)
 
 
@@ -855,8 +881,10 @@ class AdaptiveEstimator:
     once it has ``min_samples`` of them it reserves
     ``ceil(sound_bound * ratio_quantile * margin)`` input tokens, where ``ratio_quantile`` is
     the ``quantile`` of the window (1.0, the default, is its maximum). Until then, and for
-    calls whose input was counted exactly, tool calls and embeddings it defers to the sound
-    estimator. It never reserves more than the sound bound.
+    tool calls and embeddings it defers to the sound estimator, and calls whose input the
+    base counts exactly get that exact count. It never reserves more than the sound bound.
+    Statistics are kept per model name, with provider prefixes and snapshot dates folded
+    into the alias.
 
     Output is left to the sound estimator: the request's ``max_output_tokens`` is a hard cap
     that is always reserved in full.
@@ -909,7 +937,9 @@ class AdaptiveEstimator:
             return None
         sound = self.base.estimate(call)
         if sound.exact_input:
-            return None
+            # Already counted with the model's tokenizer: nothing to learn, and no reason
+            # to count it a second time in the sound estimator.
+            return sound
         bound = sound.usage.input_tokens
         tightened = min(bound, math.ceil(bound * ratio * self.margin))
         return Estimate(
@@ -931,7 +961,7 @@ class AdaptiveEstimator:
         bound = self.base.sound_input(call)
         if bound <= 0:
             return
-        key = _canonical(call.model)
+        key = _model_key(call.model)
         with self._lock:
             ratios = self._ratios.get(key)
             if ratios is None:
@@ -941,7 +971,7 @@ class AdaptiveEstimator:
     def ratio(self, model: str | None) -> float | None:
         """The learned quantile of actual/bound for ``model``, or ``None`` before enough calls."""
         with self._lock:
-            ratios = self._ratios.get(_canonical(model))
+            ratios = self._ratios.get(_model_key(model))
             if ratios is None or len(ratios) < self.min_samples:
                 return None
             ordered = sorted(ratios)
@@ -951,5 +981,5 @@ class AdaptiveEstimator:
     def samples(self, model: str | None) -> int:
         """How many settled calls of ``model`` are in the window."""
         with self._lock:
-            ratios = self._ratios.get(_canonical(model))
+            ratios = self._ratios.get(_model_key(model))
             return 0 if ratios is None else len(ratios)

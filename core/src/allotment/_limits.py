@@ -145,6 +145,16 @@ class Limits:
             period=_period(period),
         )
 
+    @classmethod
+    def of(cls, value: object, *, now: float) -> Limits:
+        """Limits from a short form: a Limits, a dollar amount (``"0.10"``), or a mapping
+        of keyword limits (``{"usd": "0.10", "llm_calls": 5}``)."""
+        if isinstance(value, Limits):
+            return value
+        if isinstance(value, Mapping):
+            return cls.build(**{str(k): v for k, v in value.items()}, now=now)
+        return cls.build(usd=value, now=now)
+
     def amounts(self) -> dict[str, int]:
         """The capped dimensions in ledger units (usd in nano-dollars)."""
         out: dict[str, int] = {}

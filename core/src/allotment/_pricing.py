@@ -80,7 +80,8 @@ class Price:
         """Dollars for ``usage``, exactly.
 
         :param reserving: price an upper bound for a hold: all output at the higher of the
-            output and reasoning rates, since a hold cannot know how much will be reasoning.
+            output and reasoning rates, and input not known to be a cache read at the higher
+            of the input and cache-write rates, since a hold cannot know either split.
         """
         return _token_cost(
             usage,
@@ -112,15 +113,21 @@ def _token_cost(
     reasoning_at = output_rate if reasoning_rate is None else reasoning_rate
     with localcontext() as ctx:
         ctx.prec = _PRECISION
-        per_mtok = (
-            (usage.input_tokens - read - written) * input_rate
-            + read * (input_rate if cache_read_rate is None else cache_read_rate)
-            + written * (input_rate if cache_write_rate is None else cache_write_rate)
-        )
+        write_at = input_rate if cache_write_rate is None else cache_write_rate
         if reserving:
+            # A hold cannot know which input tokens the provider will write to its cache,
+            # and writes cost more than plain input: bound every input token by the dearer.
+            per_mtok = (usage.input_tokens - read) * max(input_rate, write_at)
+            per_mtok += read * (input_rate if cache_read_rate is None else cache_read_rate)
             per_mtok += usage.output_tokens * max(output_rate, reasoning_at)
         else:
-            per_mtok += (usage.output_tokens - reasoning) * output_rate + reasoning * reasoning_at
+            per_mtok = (
+                (usage.input_tokens - read - written) * input_rate
+                + read * (input_rate if cache_read_rate is None else cache_read_rate)
+                + written * write_at
+                + (usage.output_tokens - reasoning) * output_rate
+                + reasoning * reasoning_at
+            )
         total = per_mtok.scaleb(-_MTOK)
         if request_fee is not None:
             # A per-request fee is charged once per call, and a bare usage is one call.
@@ -335,8 +342,9 @@ class GenaiPrices:
     ``openai/gpt-4o`` and ``openai:gpt-4o``. An unknown model prices as ``None`` (unknown),
     never $0; so does a known model whose data has no token rate for a kind the usage
     has (models billed per audio hour or per character). A model whose record has no rate
-    at all is listed as free (moderation, free Gemma) and costs $0. The data is never refreshed from the network here; if the application runs
-    genai-prices' own ``UpdatePrices``, the refreshed snapshot is used.
+    at all is listed as free (moderation, free Gemma) and costs $0. The data is never
+    refreshed from the network here; if the application runs genai-prices' own
+    ``UpdatePrices``, the refreshed snapshot is used.
 
     Standard prices apply: service tiers, batch discounts and other request-context price
     variants are not selected. Rates are taken from the price active now (prices with a
@@ -361,7 +369,7 @@ class GenaiPrices:
         """Dollars for ``usage`` of ``model``, or ``None`` if the data does not know it."""
         if not model:
             return None
-        rates = self.rates(model, provider)
+        rates = self._rates_for(model, provider)
         return None if rates is None else rates.cost(usage, reserving=reserving)
 
     @hookimpl(trylast=True)
@@ -372,10 +380,10 @@ class GenaiPrices:
 
     def model_id(self, model: str, provider: str | None = None) -> str | None:
         """The genai-prices model id ``model`` resolves to, or ``None``."""
-        rates = self.rates(model, provider)
+        rates = self._rates_for(model, provider)
         return None if rates is None else rates.model_id
 
-    def rates(self, model: str, provider: str | None = None) -> _Rates | None:
+    def _rates_for(self, model: str, provider: str | None) -> _Rates | None:
         """The compiled rates in force now for ``model``, or ``None`` when unknown."""
         # Imported on first use: genai-prices loads pydantic, too slow for ``import allotment``.
         from genai_prices import data_snapshot
