@@ -8,7 +8,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
@@ -539,6 +539,37 @@ class Budget:
             and (call is None or call.kind != "tool")
             and self._tree.unknown_price != "allow"
         )
+
+    def affordable_output(self, call: Call) -> int | None:
+        """Clamp policy: the most output tokens ``call`` can ask for given what is left.
+
+        For integrations that can set the request's max output: sending this cap instead
+        of the model's maximum lets a nearly spent budget still make a short call rather
+        than be refused. ``None`` when nothing limits output; 0 when even the input does
+        not fit.
+        """
+        left = self.remaining
+        est = self._tree.plugins.estimate(replace(call, max_output_tokens=0))
+        if est is None:
+            raise ConfigurationError("no estimator answered")
+        caps = [] if left.output_tokens is None else [left.output_tokens]
+        if left.total_tokens is not None:
+            caps.append(max(0, left.total_tokens - est.usage.input_tokens))
+        if left.usd is not None:
+            base = self._tree.price(call.model, call.provider, est.usage, reserving=True)
+            probe = replace(est.usage, output_tokens=1_000_000)
+            top = self._tree.price(call.model, call.provider, probe, reserving=True)
+            if base is None or top is None:
+                return 0 if self._unpriced_refused(None, call) else (min(caps) if caps else None)
+            per_token = (top - base) / 1_000_000
+            room = left.usd - base
+            if room < 0:
+                return 0
+            if per_token > 0:
+                caps.append(int((room / per_token).to_integral_value(ROUND_FLOOR)))
+        if call.max_output_tokens is not None:
+            caps.append(call.max_output_tokens)
+        return min(caps) if caps else None
 
     def reserve(self, call: Call) -> Hold:
         """Reserve an upper bound of ``call`` on this budget and every ancestor.
