@@ -16,6 +16,7 @@ from allotment import Budget, Usage
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "allotment", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,

@@ -146,7 +146,8 @@ def test_every_lifecycle_step_is_an_event_with_path_model_usage_and_cost() -> No
     settle = events[3]
     assert settle.model == "fake-1"
     assert settle.usd == Decimal("0.025")
-    assert settle.usage is not None and settle.usage.output_tokens == 500
+    assert settle.usage is not None
+    assert settle.usage.output_tokens == 500
     assert len(refusals) == 1
     assert refusals[0].path == "run/worker"
 

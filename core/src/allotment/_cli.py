@@ -100,7 +100,10 @@ def demo(
     for name in chosen:
         console.rule(f"[bold]{name}[/bold]")
         found[name].load()(ledger=ledger, live=live, model=model, console=console)
-    console.print(f"\nThe ledger is in [bold]{ledger}[/bold]: [bold]allotment report {ledger}[/bold]")
+    console.print(
+        f"\nThe ledger is in [bold]{ledger}[/bold]: see it with "
+        f"[bold]allotment report {ledger}[/bold]"
+    )
 
 
 def _exists(url: str) -> bool:
