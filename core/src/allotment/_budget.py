@@ -637,7 +637,8 @@ class Budget:
         call: Call | None,
         est: Estimate | None,
     ) -> Hold:
-        hold = Hold(self, hold_id, amounts, bound.with_cost(usd), call, est)
+        reserved = bound if usd is bound.usd else bound.with_cost(usd)
+        hold = Hold(self, hold_id, amounts, reserved, call, est)
         if self._tree.plugins.wants_events:
             self._emit("reserve", hold=hold_id, model=_model(call), usage=hold.reserved, usd=usd)
         return hold

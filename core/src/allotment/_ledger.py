@@ -268,29 +268,29 @@ def plan(
     With ``check``, the first increase past a limit gives a Refusal and no changes.
     """
     changes: list[tuple[NodeRecord, str, int]] = []
+    append = changes.append
     for dim, asked in amounts.items():
         delta = asked
         for m in chain:
-            if delta == 0:
-                break
             old = m.committed.get(dim, 0)
             new = old + delta
             limit = m.limits.get(dim)
-            if check and delta > 0 and limit is not None and new > limit:
+            if limit is None:
+                append((m, dim, new))
+                continue
+            if check and delta > 0 and new > limit:
                 spent = m.spent.get(dim, 0)
                 return [], Refusal(
-                    "limit",
-                    m.id,
-                    m.path,
-                    dim,
-                    limit=limit,
-                    spent=spent,
-                    held=old - spent,
+                    "limit", m.id, m.path, dim, limit=limit, spent=spent, held=old - spent,
                     asked=asked,
                 )
-            changes.append((m, dim, new))
-            if limit is not None and m.parent is not None and not m.closed:
+            append((m, dim, new))
+            if m.parent is not None and not m.closed:
+                # An open child that caps this dimension passes on only what leaves its
+                # escrow; within the escrow its ancestors already set the money aside.
                 delta = max(limit, new) - max(limit, old)
+                if not delta:
+                    break
     return changes, None
 
 
@@ -300,8 +300,9 @@ def apply(changes: Iterable[tuple[NodeRecord, str, int]]) -> None:
 
 
 def add(target: dict[str, int], amounts: Mapping[str, int], sign: int = 1) -> None:
+    get = target.get
     for dim, x in amounts.items():
-        value = target.get(dim, 0) + sign * x
+        value = get(dim, 0) + sign * x
         if value:
             target[dim] = value
         else:
@@ -378,23 +379,28 @@ def do_reserve(chain: Chain, hold: HoldRecord, now: float) -> Refusal | None:
     for m in chain:
         add(m.held, hold.amounts)
         m.open_holds += 1
-    log_rates(chain, hold.id, hold.amounts, now)
+        if m.rates:
+            m.rate_log.append([now, hold.id, dict(hold.amounts)])
     return None
 
 
 def do_end(chain: Chain, hold: HoldRecord, actual: Mapping[str, int] | None) -> dict[str, int]:
     """Settle (``actual``) or release (``None``) an open hold; returns the overrun."""
     charged = actual or {}
-    delta = dict(charged)
-    add(delta, hold.amounts, -1)
-    changes, _ = plan(chain, delta, check=False)
+    held = hold.amounts
+    delta = {d: x - held.get(d, 0) for d, x in charged.items()}
+    for d, x in held.items():
+        if d not in charged:
+            delta[d] = -x
+    changes, _ = plan(chain, {d: x for d, x in delta.items() if x}, check=False)
     apply(changes)
     for m in chain:
-        add(m.held, hold.amounts, -1)
+        add(m.held, held, -1)
         add(m.spent, charged)
         m.open_holds -= 1
-    relog_rates(chain, hold.id, actual)
-    return {d: x for d, x in delta.items() if x > 0 and d in hold.amounts}
+        if m.rates:
+            relog_rates((m,), hold.id, actual)
+    return {d: x for d, x in delta.items() if x > 0 and d in held}
 
 
 def do_charge(chain: Chain, amounts: Mapping[str, int]) -> None:
