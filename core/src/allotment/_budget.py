@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from ._call import Call
@@ -29,7 +30,7 @@ from ._errors import (
 from ._events import Event, EventKind
 from ._ledger import Ledger, NodeSpec, NodeState, Refusal
 from ._limits import Limits, Spawn
-from ._money import NANO, from_nano, to_decimal, to_nano
+from ._money import from_nano, to_decimal, to_nano
 from ._plugins import Plugins, plugins
 from ._pricing import Price
 from ._usage import Estimate, Usage
@@ -474,8 +475,9 @@ class Budget:
         with self._lock:
             if self._closed:
                 return
+            # Closed only once the ledger agrees: a close that failed there can be retried.
+            closed = self._tree.ledger.close(self._id, self._tree.clock.now())
             self._closed = True
-        closed = self._tree.ledger.close(self._id, self._tree.clock.now())
         if closed and self._tree.plugins.wants_events:
             for node in closed:
                 st = self._tree.ledger.state(node)
@@ -821,10 +823,9 @@ class Hold:
         """The output tokens this hold covers (a stream may emit up to this many)."""
         return self.reserved.output_tokens
 
-    def _end(self) -> None:
+    def _check_open(self) -> None:
         if self._ended:
             raise HoldEnded(f"hold {self.id} on {self.budget.path!r} has already ended")
-        self._ended = True
 
     def settle(self, usage: Usage) -> Usage:
         """Charge what the call actually used (priced if ``usage.usd`` is None).
@@ -836,9 +837,12 @@ class Hold:
         b = self.budget
         priced = b._priced(usage, self.call, self)
         amounts = amounts_of(priced, _nano_or_none(priced.usd), markers=True)
-        self._end()
+        self._check_open()
         tree = b._tree
+        # Ended only once the ledger agrees: a settle that failed there can be retried,
+        # and the ledger itself makes a concurrent second settle a no-op.
         result = tree.ledger.settle(self.id, amounts, tree.clock.now())
+        self._ended = True
         if result.status != "settled":
             raise HoldEnded(f"hold {self.id} on {b.path!r} was not open ({result.status})")
         self.settled = priced
@@ -877,9 +881,11 @@ class Hold:
 
     def release(self) -> None:
         """End the hold charging nothing: the call never reached the provider."""
-        self._end()
+        self._check_open()
         b = self.budget
-        if b._tree.ledger.release(self.id, b._tree.clock.now()):
+        released = b._tree.ledger.release(self.id, b._tree.clock.now())
+        self._ended = True
+        if released:
             b._emit("release", hold=self.id, model=_model(self.call))
         else:
             raise HoldEnded(f"hold {self.id} on {b.path!r} was not open")
@@ -924,24 +930,27 @@ def _check_name(name: object, *, root: bool) -> None:
         raise ConfigurationError(f"budget name {name!r} must not contain '/' or '#'")
 
 
-def _fraction(share: object, split: int | None) -> Decimal:
+def _fraction(share: object, split: int | None) -> Fraction:
+    # A Fraction, not a Decimal: a third of $0.30 must be exactly $0.10, not $0.099999999.
     if split is not None:
         if isinstance(split, bool) or not isinstance(split, int) or split < 1:
             raise InvalidAmount(f"split must be a positive int, not {split!r}")
-        return Decimal(1) / Decimal(split)
+        return Fraction(1, split)
     fraction = to_decimal(share, what="share")
     if not 0 < fraction <= 1:
         raise InvalidAmount(f"share must be in (0, 1], not {share!r}")
-    return fraction
+    return Fraction(fraction)
 
 
-def _shared(left: Remaining, fraction: Decimal, explicit: Limits) -> Limits:
+def _shared(left: Remaining, fraction: Fraction, explicit: Limits) -> Limits:
     def part(x: int | None) -> int | None:
-        return None if x is None else int((Decimal(x) * fraction).to_integral_value(ROUND_FLOOR))
+        return None if x is None else x * fraction.numerator // fraction.denominator
 
     usd = None
     if left.usd is not None:
-        usd = (left.usd * fraction).quantize(NANO, rounding=ROUND_FLOOR)
+        nano = part(to_nano(left.usd))
+        assert nano is not None
+        usd = from_nano(nano)
     return Limits(
         usd=usd,
         input_tokens=part(left.input_tokens),
