@@ -7,10 +7,12 @@ import copy
 import pickle
 import threading
 from decimal import Decimal
+from pathlib import Path
 
 import allotment
 import pytest
 from allotment import Budget, Usage
+from allotment._capability import CapabilityError
 
 
 def bound(usd: str, **kw: int) -> Usage:
@@ -376,3 +378,54 @@ def test_report_is_a_tree_with_per_child_breakdown() -> None:
     assert all(c.spent.usd == Decimal("0.1") and c.closed for c in report.children)
     assert root.remaining.usd == Decimal("0.7")
     assert report.to_dict()["children"][0]["spent"]["usd"] == "0.1"
+
+
+def test_tool_calls_settle_at_zero_dollars_known_not_unknown() -> None:
+    b = Budget(usd=1, tool_calls=5)
+    h = b.reserve(allotment.Call(kind="tool", tool_name="search"))
+    h.settle(Usage(tool_calls=1, tools=(("search", 1),)))
+    assert b.spent.usd == Decimal(0)
+    assert b.report().unpriced_calls == 0
+
+
+def test_reserve_without_waiting_raises_rate_error_at_once() -> None:
+    clock = allotment.ManualClock()
+    b = Budget(rate="1/minute", clock=clock)
+    call = allotment.Call(model="gpt-4o-mini", messages=["hi"], max_output_tokens=5)
+    b.reserve(call, wait=False).release()
+    b.reserve(call, wait=False)
+    with pytest.raises(allotment.RateWindowExceeded) as info:
+        b.reserve(call, wait=False)
+    assert clock.slept == 0
+    assert info.value.retry_after > 0
+
+
+def test_spawn_cleans_names_that_would_break_paths() -> None:
+    b = Budget(usd=1)
+    child = b.spawn(allotment.Spawn(name="tools/search#1", how="agent_tool", framework="x"))
+    assert child.path == "budget/tools_search_1"
+
+
+def test_export_moves_a_budget_to_another_handle_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    key = b"k" * 32
+    root = Budget(usd="1.00", name="run", ledger=url)
+    worker = root.allot("worker", usd="0.40")
+    token = worker.export(key, ttl=60)
+    with pytest.raises(allotment.BudgetClosed, match="exported"):
+        worker.hold(bound("0.01"))
+    remote = Budget.attach(token, key=key)
+    assert remote.path == "run/worker"
+    assert remote.limits.usd == Decimal("0.4")
+    remote.hold(bound("0.30")).settle(bound("0.25"))
+    with pytest.raises(allotment.BudgetExceeded):
+        remote.hold(bound("0.20"))
+    assert root.spent.usd == Decimal("0.25")
+    with pytest.raises(CapabilityError) as replay:
+        Budget.attach(token, key=key)
+    assert replay.value.reason == "redeemed"
+    tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    with pytest.raises(CapabilityError):
+        Budget.attach(tampered, key=key)
+    remote.close()
+    assert root.remaining.usd == Decimal("0.75")

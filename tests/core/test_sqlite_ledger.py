@@ -654,7 +654,7 @@ def test_backends_plugin_picks_and_caches_ledgers(
     assert isinstance(memory_db, SqliteLedger)
     assert hook("sqlite:///:memory:") is not memory_db
     memory_db.close()
-    assert hook("redis://localhost") is None
+    assert hook("postgres://localhost/db") is None
     with pytest.raises(ConfigurationError):
         hook("sqlite://a.db")
     _backends._reset()

@@ -2,6 +2,7 @@
 
 from ._budget import Budget, Hold, Remaining
 from ._call import Call, Image
+from ._capability import CapabilityError
 from ._clock import Clock, ManualClock, SystemClock
 from ._context import current, resolve, set_default
 from ._errors import (
@@ -37,6 +38,7 @@ __all__ = [
     "BudgetClosed",
     "BudgetExceeded",
     "Call",
+    "CapabilityError",
     "Clock",
     "ConfigurationError",
     "DeadlineExceeded",

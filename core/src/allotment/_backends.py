@@ -1,30 +1,40 @@
-"""The ledgers allotment ships, as a default plugin: ``memory://`` and ``sqlite:///path.db``.
+"""The ledgers allotment ships, as a default plugin: ``memory://``, ``sqlite:///path.db``
+and ``redis://host:port/db``.
 
 ``memory://`` is a new, private ledger on every call; ``memory://NAME`` is the same ledger
 for every caller in the process that uses that name. ``sqlite:///path.db`` opens one
 ``SqliteLedger`` per database file in the process, however the path is spelled.
+``redis://`` and ``rediss://`` (TLS) open one ``RedisLedger`` per URL in the process; it
+needs redis-py, imported only when such a URL is first used.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from ._ledger import Ledger
 from ._memory import MemoryLedger
 from ._sqlite import MEMORY, SqliteLedger, sqlite_path
 from .hookspecs import hookimpl
 
+if TYPE_CHECKING:
+    from ._redis import RedisLedger
+
 MEMORY_SCHEME = "memory://"
+REDIS_SCHEMES = ("redis://", "rediss://")
 
 _lock = threading.Lock()
 _named: dict[str, MemoryLedger] = {}
 _files: dict[str, SqliteLedger] = {}
+_servers: dict[str, RedisLedger] = {}
 
 
 @hookimpl
 def allotment_ledger(url: str) -> Ledger | None:
-    """``MemoryLedger`` for ``memory://``, ``SqliteLedger`` for ``sqlite:``, else None."""
+    """``MemoryLedger`` for ``memory://``, ``SqliteLedger`` for ``sqlite:``, ``RedisLedger``
+    for ``redis://`` and ``rediss://``, else None."""
     if url.startswith(MEMORY_SCHEME):
         name = url[len(MEMORY_SCHEME) :]
         if not name:
@@ -49,14 +59,24 @@ def allotment_ledger(url: str) -> Ledger | None:
         if cached is not opened:
             opened.close()
         return cached
+    if url.startswith(REDIS_SCHEMES):
+        from ._redis import RedisLedger  # redis-py is optional: import it only when used
+
+        with _lock:  # constructing does not connect, so it is quick
+            server = _servers.get(url)
+            if server is None:
+                server = _servers[url] = RedisLedger(url)
+            return server
     return None
 
 
 def _reset() -> None:
-    """Forget named memory ledgers and close cached sqlite ledgers (tests use this)."""
+    """Forget named memory ledgers and close cached sqlite and redis ledgers (tests use
+    this)."""
     with _lock:
-        files = list(_files.values())
+        opened: list[SqliteLedger | RedisLedger] = [*_files.values(), *_servers.values()]
         _named.clear()
         _files.clear()
-    for ledger in files:
+        _servers.clear()
+    for ledger in opened:
         ledger.close()

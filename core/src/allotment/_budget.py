@@ -179,6 +179,7 @@ class Budget:
         "_id",
         "_limits",
         "_lock",
+        "_moved",
         "_name",
         "_parent",
         "_path",
@@ -263,6 +264,7 @@ class Budget:
         self._limits = limits
         self._tree = tree
         self._closed = False
+        self._moved = False
         self._lock = threading.Lock()
         self._usd_capped = limits.usd is not None or (parent is not None and parent._usd_capped)
 
@@ -331,6 +333,13 @@ class Budget:
         return self._closed
 
     def _check_open(self) -> None:
+        if self._moved:
+            raise BudgetClosed(
+                f"budget {self._path!r} was exported to another process; this handle no "
+                f"longer spends it",
+                path=self._path,
+                limit_name="closed",
+            )
         if self._closed:
             raise BudgetClosed(
                 f"budget {self._path!r} is closed; it refuses every operation",
@@ -359,17 +368,18 @@ class Budget:
         """What can still be spent here, given this budget's and its ancestors' limits."""
         avail: dict[str, int] = {}
         escrowed: set[str] = set()
-        node: Budget | None = self
+        ledger = self._tree.ledger
+        node: str | None = self._id
         while node is not None:
-            st = node.state()
+            st = ledger.state(node)
             for dim, limit in st.limits.items():
                 if dim in escrowed:
                     continue
                 left = max(0, limit - st.committed.get(dim, 0))
                 avail[dim] = min(avail.get(dim, left), left)
-            if node._parent is not None:
+            if st.parent is not None:
                 escrowed.update(st.limits)  # the ancestors already set this aside
-            node = node._parent
+            node = st.parent
         tools = {d[5:]: x for d, x in avail.items() if d.startswith("tool:")}
         return Remaining(
             usd=from_nano(avail["usd"]) if "usd" in avail else None,
@@ -467,7 +477,8 @@ class Budget:
             if limits is not None
             else self._tree.plugins.child_limits(self, spawn) or Limits()
         )
-        return self.allot(spawn.name, limits=chosen)
+        name = spawn.name.replace("/", "_").replace("#", "_").strip() or spawn.how
+        return self.allot(name, limits=chosen)
 
     def close(self) -> None:
         """Close this budget and its open descendants; unspent escrow returns to the parent.
@@ -496,6 +507,62 @@ class Budget:
                         },
                     )
                 )
+
+    def export(self, key: bytes, *, ttl: float = 3600.0) -> str:
+        """Move this budget to another process or machine: a signed capability token
+        (HMAC-SHA256 under ``key``) naming this budget, valid for ``ttl`` seconds.
+
+        The other side calls ``Budget.attach(token, key=key)`` on the same ledger (SQLite
+        on one machine, Redis across machines). This handle then refuses every operation:
+        one budget, one spender. Children it had stay with this process.
+        """
+        from ._capability import export_token
+
+        self._check_open()
+        token = export_token(self._tree.ledger, self._id, key, ttl, now=self._tree.clock.now())
+        self._moved = True
+        self._emit("close", detail={"exported": True})
+        return token
+
+    @classmethod
+    def attach(
+        cls,
+        token: str,
+        *,
+        key: bytes,
+        ledger: str | Ledger | None = None,
+        prices: Mapping[str, Price] | None = None,
+        unknown_price: UnknownPricePolicy | Price = "fail",
+        hold_ttl: float | None = None,
+        clock: Clock | None = None,
+    ) -> Budget:
+        """Take over a budget exported by another process (see ``export``).
+
+        ``ledger`` defaults to the one the token names (give it when the URL needs a
+        password, which a token never carries). A tampered, expired, already redeemed or
+        closed token raises ``CapabilityError`` and grants nothing.
+        """
+        from ._capability import read_token, redeem_token
+
+        clock = clock or SystemClock()
+        pl = plugins()
+        if ledger is None:
+            ledger = read_token(token, key, now=clock.now()).ledger
+        store = pl.ledger(ledger) if isinstance(ledger, str) else ledger
+        node = redeem_token(token, key, store, now=clock.now())
+        if hold_ttl is None and not store.url.startswith("memory:"):
+            hold_ttl = 3600.0
+        tree = _Tree(store, pl, clock, prices or {}, unknown_price, hold_ttl)
+        state = store.state(node)
+        budget = cls.__new__(cls)
+        budget._setup(state, None, _limits_of(state), tree)
+        parent = state.parent
+        while parent is not None and not budget._usd_capped:
+            up = store.state(parent)
+            budget._usd_capped = "usd" in up.limits
+            parent = up.parent
+        budget._emit("open", detail={"attached": True})
+        return budget
 
     def __enter__(self) -> Budget:
         self._check_open()
@@ -573,17 +640,19 @@ class Budget:
             caps.append(call.max_output_tokens)
         return min(caps) if caps else None
 
-    def reserve(self, call: Call) -> Hold:
+    def reserve(self, call: Call, *, wait: bool = True) -> Hold:
         """Reserve an upper bound of ``call`` on this budget and every ancestor.
 
         Raises ``BudgetExceeded`` (or ``UnknownPrice``, ``DeadlineExceeded``,
-        ``RateWindowExceeded``) before anything is sent; waits for a rate window up to
-        its ``max_wait``.
+        ``RateWindowExceeded``) before anything is sent. A call that does not fit a rate
+        window waits for it up to the window's ``max_wait``; with ``wait=False`` (for code
+        running on an event loop's thread) it raises ``RateWindowExceeded`` at once, whose
+        ``retry_after`` says when to try again.
         """
         self._check_open()
         self._tree.plugins.before_call(self, call)
         est, usd = self.estimate(call)
-        return self._reserve(est.usage, usd, call, est)
+        return self._reserve(est.usage, usd, call, est, wait=wait)
 
     async def areserve(self, call: Call) -> Hold:
         """``reserve`` for asyncio: waits for rate windows without blocking the loop."""
@@ -601,7 +670,7 @@ class Budget:
             await self._tree.clock.asleep(pause)
             waited += pause
 
-    def hold(self, bound: Usage, *, call: Call | None = None) -> Hold:
+    def hold(self, bound: Usage, *, call: Call | None = None, wait: bool = True) -> Hold:
         """Reserve an explicit upper bound (priced by ``bound.usd``, else by the price
         hook for ``call.model``), for integrations that make their own estimate."""
         self._check_open()
@@ -610,10 +679,16 @@ class Budget:
             usd = self._tree.price(call.model, call.provider, bound, reserving=True)
         if self._unpriced_refused(usd, call):
             raise UnknownPrice(call.model if call else None, self._path)
-        return self._reserve(bound, usd, call, None)
+        return self._reserve(bound, usd, call, None, wait=wait)
 
     def _reserve(
-        self, bound: Usage, usd: Decimal | None, call: Call | None, est: Estimate | None
+        self,
+        bound: Usage,
+        usd: Decimal | None,
+        call: Call | None,
+        est: Estimate | None,
+        *,
+        wait: bool = True,
     ) -> Hold:
         amounts = amounts_of(bound, None if usd is None else to_nano(usd), markers=False)
         waited = 0.0
@@ -622,7 +697,7 @@ class Budget:
             refusal = self._ledger_reserve(hold_id, amounts)
             if refusal is None:
                 return self._admitted(hold_id, amounts, bound, usd, call, est)
-            pause = self._wait_for(refusal, waited, bound, usd, call)
+            pause = self._wait_for(refusal, waited, bound, usd, call, wait=wait)
             self._tree.clock.sleep(pause)
             waited += pause
 
@@ -652,9 +727,11 @@ class Budget:
         bound: Usage,
         usd: Decimal | None,
         call: Call | None,
+        *,
+        wait: bool = True,
     ) -> float:
         """How long to wait before retrying a rate refusal; raises for any other."""
-        if refusal.kind == "rate" and refusal.retry_after is not None:
+        if wait and refusal.kind == "rate" and refusal.retry_after is not None:
             max_wait = self._max_wait(refusal)
             pause = max(refusal.retry_after, 1e-3)
             if waited + pause <= max_wait:
@@ -739,6 +816,8 @@ class Budget:
     def _priced(self, usage: Usage, call: Call | None, hold: Hold | None) -> Usage:
         if usage.usd is not None:
             return usage
+        if call is not None and call.kind == "tool" and not usage.total_tokens:
+            return usage.with_cost(Decimal(0))  # a tool call costs calls, not dollars
         model = call.model if call else None
         provider = call.provider if call else None
         usd = self._tree.price(model, provider, usage, reserving=False)
@@ -917,6 +996,21 @@ def _fields(usage: Usage) -> dict[str, Any]:
 
 def _nano_or_none(usd: Decimal | None) -> int | None:
     return None if usd is None else to_nano(usd)
+
+
+def _limits_of(state: NodeState) -> Limits:
+    """A node's own limits back from ledger units."""
+    lim = state.limits
+    return Limits(
+        usd=from_nano(lim["usd"]) if "usd" in lim else None,
+        input_tokens=lim.get("input_tokens"),
+        output_tokens=lim.get("output_tokens"),
+        total_tokens=lim.get("total_tokens"),
+        llm_calls=lim.get("llm_calls"),
+        tool_calls=lim.get("tool_calls"),
+        per_tool={d[5:]: x for d, x in lim.items() if d.startswith("tool:")},
+        deadline=state.deadline,
+    )
 
 
 def _rate_specs(limits: Limits) -> tuple[tuple[str, int, float], ...]:
