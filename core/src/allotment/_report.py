@@ -145,22 +145,16 @@ def render(report: Report, title: str | None = None) -> Any:
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
-    for col, justify in (
-        ("budget", "left"),
-        ("limit", "right"),
-        ("spent", "right"),
-        ("held", "right"),
-        ("escrow", "right"),
-        ("llm calls", "right"),
-        ("tool calls", "right"),
-        ("tokens in/out", "right"),
-        ("refusals", "right"),
-        ("state", "left"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table.add_column("budget", no_wrap=True)
+    for col in ("limit", "spent", "held", "escrow", "calls", "tokens in/out", "refused"):
+        table.add_column(col, justify="right")
+    table.add_column("state")
     for depth, r in report.walk():
         limits = (
             ", ".join(fmt_usd(v) if k == "usd" else f"{v} {k}" for k, v in r.limits.items()) or "-"
+        )
+        calls = f"{r.spent.llm_calls}" + (
+            f" +{r.spent.tool_calls} tools" if r.spent.tool_calls else ""
         )
         table.add_row(
             ("  " * depth) + r.name,
@@ -168,8 +162,7 @@ def render(report: Report, title: str | None = None) -> Any:
             _spent_usd(r),
             fmt_usd(r.held.usd),
             fmt_usd(r.allotted_usd),
-            str(r.spent.llm_calls),
-            str(r.spent.tool_calls),
+            calls,
             f"{r.spent.input_tokens}/{r.spent.output_tokens}",
             f"[red]{r.refusals}[/red]" if r.refusals else "0",
             "closed" if r.closed else ("open" if not r.open_holds else f"{r.open_holds} held"),
