@@ -34,6 +34,8 @@ class Plugins:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._events = pm.hook.allotment_event
+        self._before = pm.hook.allotment_before_call
+        self._after = pm.hook.allotment_after_call
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         """Register a plugin object (and check its hooks exist)."""
@@ -64,12 +66,14 @@ class Plugins:
         )
 
     def before_call(self, budget: Budget, call: Call) -> None:
-        self.pm.hook.allotment_before_call(budget=budget, call=call)
+        if self._before.get_hookimpls():  # most processes have none: skip the dispatch
+            self._before(budget=budget, call=call)
 
     def after_call(
         self, budget: Budget, call: Call, usage: Usage, estimate: Estimate | None
     ) -> None:
-        self.pm.hook.allotment_after_call(budget=budget, call=call, usage=usage, estimate=estimate)
+        if self._after.get_hookimpls():
+            self._after(budget=budget, call=call, usage=usage, estimate=estimate)
 
     def budget_exceeded(self, budget: Budget, error: BudgetExceeded) -> None:
         try:

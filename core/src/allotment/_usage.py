@@ -75,7 +75,15 @@ class Usage:
 
     def with_cost(self, usd: Decimal | None) -> Usage:
         """The same usage with its cost set."""
-        return replace(self, usd=usd)
+        if usd is not None and not isinstance(usd, Decimal):
+            return replace(self, usd=usd)  # validate what is not already a Decimal
+        # The counts were validated when this usage was made; copy without re-checking,
+        # since this runs twice on every call's hot path.
+        new = object.__new__(Usage)
+        for name in _FIELDS:
+            object.__setattr__(new, name, getattr(self, name))
+        object.__setattr__(new, "usd", usd)
+        return new
 
     def __add__(self, other: Usage) -> Usage:
         if not isinstance(other, Usage):
@@ -96,6 +104,9 @@ class Usage:
             usd=usd,
             estimated=self.estimated or other.estimated,
         )
+
+
+_FIELDS = tuple(f for f in Usage.__slots__ if f != "usd")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
