@@ -77,9 +77,7 @@ def test_price_cost_prices_each_token_kind_once_exactly() -> None:
     ) / M
     assert p.cost(u) == expected
     # Reserving: a hold cannot tell reasoning from text, so all output at the higher rate.
-    reserve = (
-        4_000 * Decimal("3.75") + 6_000 * Decimal("0.3") + 2_000 * Decimal(20)
-    ) / M
+    reserve = (4_000 * Decimal("3.75") + 6_000 * Decimal("0.3") + 2_000 * Decimal(20)) / M
     assert p.cost(u, reserving=True) == reserve
 
 

@@ -281,7 +281,13 @@ def plan(
             if check and delta > 0 and new > limit:
                 spent = m.spent.get(dim, 0)
                 return [], Refusal(
-                    "limit", m.id, m.path, dim, limit=limit, spent=spent, held=old - spent,
+                    "limit",
+                    m.id,
+                    m.path,
+                    dim,
+                    limit=limit,
+                    spent=spent,
+                    held=old - spent,
                     asked=asked,
                 )
             append((m, dim, new))
