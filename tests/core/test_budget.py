@@ -429,3 +429,13 @@ def test_export_moves_a_budget_to_another_handle_once(tmp_path: Path) -> None:
         Budget.attach(tampered, key=key)
     remote.close()
     assert root.remaining.usd == Decimal("0.75")
+
+
+def test_usage_normalises_whole_floats_and_refuses_bad_dollars() -> None:
+    u = Usage(input_tokens=5.0, output_tokens=2)  # type: ignore[arg-type]
+    assert type(u.input_tokens) is int
+    for bad in (Decimal("-0.01"), Decimal("NaN"), Decimal("Infinity"), Decimal(10**10)):
+        with pytest.raises(allotment.InvalidAmount):
+            Usage(usd=bad)
+    with pytest.raises(allotment.InvalidAmount):
+        Usage(input_tokens=2.5)  # type: ignore[arg-type]

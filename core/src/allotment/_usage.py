@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
-from ._money import to_count, to_decimal
+from ._money import MAX_COUNT, MAX_USD, to_count, to_decimal
+
+
+_COUNTS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "llm_calls",
+    "tool_calls",
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -39,16 +50,12 @@ class Usage:
     """True when the provider reported no usage and these numbers are our estimate."""
 
     def __post_init__(self) -> None:
-        for name in (
-            "input_tokens",
-            "output_tokens",
-            "cache_read_tokens",
-            "cache_write_tokens",
-            "reasoning_tokens",
-            "llm_calls",
-            "tool_calls",
-        ):
-            to_count(getattr(self, name), what=name)
+        for name in _COUNTS:
+            value = getattr(self, name)
+            # Plain in-range ints (nearly always) skip the full check; the rest are
+            # validated and normalised (5.0 becomes 5) or refused.
+            if type(value) is not int or not 0 <= value <= MAX_COUNT:
+                object.__setattr__(self, name, to_count(value, what=name))
         if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
             from ._errors import InvalidAmount
 
@@ -63,8 +70,11 @@ class Usage:
                 f"reasoning_tokens ({self.reasoning_tokens}) exceed output_tokens "
                 f"({self.output_tokens}); output_tokens must include them"
             )
-        if self.usd is not None:
-            object.__setattr__(self, "usd", to_decimal(self.usd, what="usd"))
+        usd = self.usd
+        if usd is not None and (
+            type(usd) is not Decimal or not usd.is_finite() or not 0 <= usd <= MAX_USD
+        ):
+            object.__setattr__(self, "usd", to_decimal(usd, what="usd"))
         for name, count in self.tools:
             to_count(count, what=f"tool_calls for {name!r}")
 
