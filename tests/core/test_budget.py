@@ -439,3 +439,38 @@ def test_usage_normalises_whole_floats_and_refuses_bad_dollars() -> None:
             Usage(usd=bad)
     with pytest.raises(allotment.InvalidAmount):
         Usage(input_tokens=2.5)  # type: ignore[arg-type]
+
+
+def test_reopening_a_shared_root_keeps_its_cap_unless_told_to_change_it(tmp_path: Path) -> None:
+    """Processes share a persistent root by name: one that forgot the limit joins it as it
+    is, one with other limits is refused; only update_limits=True changes them."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    owner = Budget(usd="0.01", name="shared", ledger=url)
+    owner.hold(bound("0.008")).settle(bound("0.008"))
+    joiner = Budget(name="shared", ledger=url)  # no limits given: join
+    assert joiner.limits.usd == Decimal("0.01")
+    with pytest.raises(allotment.BudgetExceeded):
+        joiner.hold(bound("0.005"))
+    same = Budget(usd="0.01", name="shared", ledger=url)
+    assert same.remaining.usd == Decimal("0.002")
+    with pytest.raises(allotment.ConfigurationError, match="update_limits=True"):
+        Budget(usd="5", name="shared", ledger=url)
+    assert owner.remaining.usd == Decimal("0.002")
+    raised = Budget(usd="0.02", name="shared", ledger=url, update_limits=True)
+    assert raised.remaining.usd == Decimal("0.012")
+
+
+def test_short_form_limits_with_an_unknown_key_are_a_typed_error() -> None:
+    with pytest.raises(allotment.ConfigurationError, match="bogus"):
+        allotment.Limits.of({"bogus": 1}, now=0)
+    b = Budget(usd=1)
+    with pytest.raises(allotment.ConfigurationError):
+        b.allot("z", split=2, usd="0.1")
+    with pytest.raises(allotment.InvalidAmount):
+        allotment.Rate.parse("0/minute")
+
+
+def test_a_call_without_a_model_under_a_dollar_cap_says_what_to_do() -> None:
+    b = Budget(usd=1)
+    with pytest.raises(allotment.UnknownPrice, match="names no model"):
+        b.reserve(allotment.Call(messages=None))  # type: ignore[arg-type]

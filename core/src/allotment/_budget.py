@@ -168,9 +168,12 @@ class Budget:
     """A budget: a node in a tree of budgets, held by exactly one handle.
 
     ``Budget(usd="0.50", llm_calls=40, name="run")`` makes a root on a fresh in-memory
-    ledger; ``ledger="sqlite:///runs.db"`` keeps it on disk (a root is found again by
-    name). ``allot()`` carves out a child; ``activate()`` makes it the current budget.
-    Handles cannot be copied or pickled; a closed budget refuses every operation.
+    ledger; ``ledger="sqlite:///runs.db"`` keeps it on disk. A root on a shared ledger is
+    found again by name: opening it with the same limits, or with none (to join it as it
+    is), shares it; other limits raise ``ConfigurationError`` unless ``update_limits=True``
+    says the owner means to change them. ``allot()`` carves out a child; ``activate()``
+    makes it the current budget. Handles cannot be copied or pickled; a closed budget
+    refuses every operation.
     """
 
     __slots__ = (
@@ -216,6 +219,7 @@ class Budget:
         unknown_price: UnknownPricePolicy | Price = "fail",
         hold_ttl: float | None = None,
         clock: Clock | None = None,
+        update_limits: bool = False,
     ) -> None:
         _check_name(name, root=True)
         if unknown_price not in ("fail", "allow") and not isinstance(unknown_price, Price):
@@ -251,6 +255,7 @@ class Budget:
             deadline=limits.deadline,
             period=limits.period,
         )
+        spec, limits = _reopen(store, spec, limits, update_limits)
         state = store.open(spec, clock.now())
         assert isinstance(state, NodeState)  # roots are never refused
         self._setup(state, None, limits, tree)
@@ -445,6 +450,10 @@ class Budget:
         if share is not None or split is not None:
             if share is not None and split is not None:
                 raise ConfigurationError("give share= or split=, not both")
+            if explicit.amounts():
+                raise ConfigurationError(
+                    "give a share (share= or split=) or explicit limits, not both"
+                )
             fraction = _fraction(share, split)
             explicit = _shared(self.remaining, fraction, explicit)
         spec = NodeSpec(
@@ -548,6 +557,12 @@ class Budget:
         pl = plugins()
         if ledger is None:
             ledger = read_token(token, key, now=clock.now()).ledger
+            if ledger.startswith("memory:"):
+                raise ConfigurationError(
+                    "the token names an in-memory ledger, which lives in one process: pass "
+                    "ledger=<the exporting budget's .ledger>, or export from a sqlite:/// or "
+                    "redis:// ledger to move a budget to another process"
+                )
         store = pl.ledger(ledger) if isinstance(ledger, str) else ledger
         node = redeem_token(token, key, store, now=clock.now())
         if hold_ttl is None and not store.url.startswith("memory:"):
@@ -792,10 +807,15 @@ class Budget:
         )
         if refusal.kind == "rate":
             retry = math.inf if refusal.retry_after is None else refusal.retry_after
+            when = (
+                "it never fits: it alone is larger than the window's limit"
+                if math.isinf(retry)
+                else f"it would fit in {_seconds(retry)}"
+            )
             msg = (
                 f"budget {refusal.path!r}: this call does not fit the window of "
                 f"{refusal.dim} (limit {kw['limit']}, used {kw['spent']}, asked {kw['asked']}) "
-                f"after waiting {waited:.3g}s; it would fit in {retry:.3g}s"
+                f"after waiting {_seconds(waited)}; {when}"
             )
             return RateWindowExceeded(msg, retry_after=retry, **kw)
         err = BudgetExceeded(**kw)
@@ -996,6 +1016,68 @@ def _fields(usage: Usage) -> dict[str, Any]:
 
 def _nano_or_none(usd: Decimal | None) -> int | None:
     return None if usd is None else to_nano(usd)
+
+
+def _reopen(store: Ledger, spec: NodeSpec, limits: Limits, update: bool) -> tuple[NodeSpec, Limits]:
+    """Opening a root that already exists: join it, or refuse to silently change its caps.
+
+    Several processes share a root by name; one that forgot a limit (or has a stale
+    config) must not lift or lower the cap for all of them.
+    """
+    try:
+        existing = store.state(spec.name)
+    except KeyError:
+        return spec, limits
+    if existing.parent is not None or update:
+        return spec, limits
+    asks_nothing = not spec.limits and not spec.rates and spec.period is None
+    if asks_nothing:
+        joined = NodeSpec(
+            name=spec.name,
+            parent=None,
+            limits=dict(existing.limits),
+            rates=tuple(existing.rates),
+            deadline=existing.deadline if spec.deadline is None else spec.deadline,
+            period=existing.period,
+        )
+        kept = _limits_of(existing)
+        return joined, Limits(
+            usd=kept.usd,
+            input_tokens=kept.input_tokens,
+            output_tokens=kept.output_tokens,
+            total_tokens=kept.total_tokens,
+            llm_calls=kept.llm_calls,
+            tool_calls=kept.tool_calls,
+            per_tool=kept.per_tool,
+            deadline=joined.deadline,
+            period=existing.period,  # type: ignore[arg-type]
+        )
+    same = (
+        dict(existing.limits) == dict(spec.limits)
+        and tuple(existing.rates) == tuple(spec.rates)
+        and existing.period == spec.period
+    )
+    if not same:
+        raise ConfigurationError(
+            f"budget {spec.name!r} already exists in {store.url} with limits "
+            f"{_show(existing.limits)}, rates {list(existing.rates)}, period "
+            f"{existing.period!r}; you asked for {_show(spec.limits)}, rates "
+            f"{list(spec.rates)}, period {spec.period!r}. Open it with the same limits, or "
+            f"with none to join it as it is, or pass update_limits=True to change them"
+        )
+    return spec, limits
+
+
+def _seconds(value: float) -> str:
+    if value < 120:
+        return f"{value:.1f}s"
+    if value < 7200:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"
+
+
+def _show(amounts: Mapping[str, int]) -> dict[str, Any]:
+    return {d: from_nano(x) if d == "usd" else x for d, x in amounts.items()}
 
 
 def _limits_of(state: NodeState) -> Limits:

@@ -54,6 +54,15 @@ class Call:
     """Anything else an integration wants plugins to see."""
 
     def __post_init__(self) -> None:
+        for name in ("messages", "tools", "images"):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, ())
+            elif isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                if name == "messages" and isinstance(value, str):
+                    object.__setattr__(self, name, (value,))
+                else:
+                    raise InvalidAmount(f"{name} must be a list, not {type(value).__name__}")
         if self.kind not in ("llm", "tool", "embedding"):
             raise InvalidAmount(
                 f"call kind must be 'llm', 'tool' or 'embedding', not {self.kind!r}"

@@ -149,15 +149,21 @@ class UnknownPrice(PricingError, BudgetExceeded):
 
     def __init__(self, model: str | None, path: str) -> None:
         self.model = model
-        BudgetExceeded.__init__(
-            self,
-            f"no price known for model {model!r} and budget {path!r} has a dollar cap; "
-            f"refusing the call rather than counting it as $0. Give a price with "
-            f"Budget(prices={{{model!r}: Price(input_mtok=..., output_mtok=...)}}) "
-            f"or allow it with unknown_price='allow'",
-            path=path,
-            limit_name="price",
-        )
+        if model is None:
+            message = (
+                f"budget {path!r} has a dollar cap but this call names no model, so its cost "
+                f"cannot be known; refusing it rather than counting it as $0. Make the "
+                f"integration see the model name (e.g. model= on a wrapped client), or set "
+                f"a fallback with Budget(unknown_price=Price(input_mtok=..., output_mtok=...))"
+            )
+        else:
+            message = (
+                f"no price known for model {model!r} and budget {path!r} has a dollar cap; "
+                f"refusing the call rather than counting it as $0. Give a price with "
+                f"Budget(prices={{{model!r}: Price(input_mtok=..., output_mtok=...)}}) "
+                f"or allow it with unknown_price='allow'"
+            )
+        BudgetExceeded.__init__(self, message, path=path, limit_name="price")
 
 
 class DeadlineExceeded(BudgetExceeded):

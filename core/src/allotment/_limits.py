@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
-from ._errors import InvalidAmount
+from ._errors import ConfigurationError, InvalidAmount
 from ._money import to_count, to_decimal, to_nano
 
 PeriodName = Literal["hour", "day", "week", "month"]
@@ -62,6 +62,11 @@ class Rate:
             object.__setattr__(self, "limit", to_decimal(self.limit, what="rate limit"))
         else:
             object.__setattr__(self, "limit", to_count(self.limit, what="rate limit"))
+        if not self.limit:
+            raise InvalidAmount(
+                "a rate window admitting nothing is a stop, not a rate: use a limit of 0 "
+                "calls (llm_calls=0) to forbid calls"
+            )
         if self.max_wait is None:
             object.__setattr__(self, "max_wait", min(float(self.per), 60.0))
         elif not (isinstance(self.max_wait, (int, float)) and 0 <= self.max_wait < math.inf):
@@ -152,6 +157,22 @@ class Limits:
         if isinstance(value, Limits):
             return value
         if isinstance(value, Mapping):
+            allowed = {
+                "usd",
+                "input_tokens",
+                "output_tokens",
+                "total_tokens",
+                "llm_calls",
+                "tool_calls",
+                "per_tool",
+                "deadline",
+                "rate",
+            }
+            unknown = sorted(str(k) for k in value if k not in allowed)
+            if unknown:
+                raise ConfigurationError(
+                    f"unknown limit {', '.join(map(repr, unknown))}; use {sorted(allowed)}"
+                )
             return cls.build(**{str(k): v for k, v in value.items()}, now=now)
         return cls.build(usd=value, now=now)
 

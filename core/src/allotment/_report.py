@@ -105,13 +105,22 @@ def _usage_dict(u: Any) -> dict[str, Any]:
     }
 
 
-def _spent_usd(r: Report) -> str:
-    text = fmt_usd(r.spent.usd)
+def _spent_usd(r: Report, *, short: bool = False) -> str:
+    text = (_short_usd if short else fmt_usd)(r.spent.usd)
     if r.spent.usd is None:
         text = f"unknown ({r.unpriced_calls} unpriced)"
     elif r.estimated_calls:
-        text += f" ({r.estimated_calls} estimated)"
+        text += f" ({r.estimated_calls} est.)" if short else f" ({r.estimated_calls} estimated)"
     return text
+
+
+def _short_usd(value: Decimal | None) -> str:
+    """Dollars to four significant digits for tables (reports and JSON stay exact)."""
+    if value is None or value == 0:
+        return fmt_usd(value)
+    digits = max(2, 4 - value.adjusted() - 1)
+    rounded = value.quantize(Decimal(1).scaleb(-digits))
+    return fmt_usd(rounded)
 
 
 def build_report(states: Sequence[NodeState]) -> Report:
@@ -141,30 +150,42 @@ def build_report(states: Sequence[NodeState]) -> Report:
 
 
 def render(report: Report, title: str | None = None) -> Any:
-    """A rich Table of the tree (needs the ``cli`` extra)."""
+    """A rich Table of the tree (needs the ``cli`` extra), compact enough for 80 columns."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False)
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     table.add_column("budget", no_wrap=True)
-    for col in ("limit", "spent", "held", "escrow", "calls", "tokens in/out", "refused"):
-        table.add_column(col, justify="right")
-    table.add_column("state")
+    for col in ("limit", "spent", "llm", "tools", "in/out", "refusals"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("state", no_wrap=True)
     for depth, r in report.walk():
-        limits = (
-            ", ".join(fmt_usd(v) if k == "usd" else f"{v} {k}" for k, v in r.limits.items()) or "-"
-        )
-        calls = f"{r.spent.llm_calls}" + (
-            f" +{r.spent.tool_calls} tools" if r.spent.tool_calls else ""
-        )
         table.add_row(
             ("  " * depth) + r.name,
-            limits,
-            _spent_usd(r),
-            fmt_usd(r.held.usd),
-            fmt_usd(r.allotted_usd),
-            calls,
+            _limit_text(r.limits),
+            _spent_usd(r, short=True),
+            str(r.spent.llm_calls),
+            str(r.spent.tool_calls),
             f"{r.spent.input_tokens}/{r.spent.output_tokens}",
             f"[red]{r.refusals}[/red]" if r.refusals else "0",
-            "closed" if r.closed else ("open" if not r.open_holds else f"{r.open_holds} held"),
+            _state_text(r),
         )
     return table
+
+
+def _limit_text(limits: Mapping[str, Any]) -> str:
+    if not limits:
+        return "-"
+    parts = [_short_usd(limits["usd"])] if "usd" in limits else []
+    short = {"llm_calls": "calls", "tool_calls": "tools", "total_tokens": "tok"}
+    parts += [f"{v} {short.get(k, k)}" for k, v in limits.items() if k != "usd"]
+    return parts[0] + (f" +{len(parts) - 1}" if len(parts) > 1 else "")
+
+
+def _state_text(r: Report) -> str:
+    state = "closed" if r.closed else "open"
+    if r.open_holds:
+        state += f", {r.open_holds} held {_short_usd(r.held.usd)}"
+    if r.allotted_usd:
+        state += f", {_short_usd(r.allotted_usd)} escrow"
+    return state

@@ -7,7 +7,6 @@ from decimal import Decimal
 
 from ._money import MAX_COUNT, MAX_USD, to_count, to_decimal
 
-
 _COUNTS = (
     "input_tokens",
     "output_tokens",
