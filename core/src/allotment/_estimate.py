@@ -550,16 +550,29 @@ _SHORT = 32
 """Texts up to this length (roles, names, tool names) repeat across calls: their counts are
 remembered rather than re-encoded."""
 _SHORT_CACHED = 8_192
+_LONG_CACHED_CHARS = 4_000_000
+"""Agent loops resend their whole history on every call: remembering each message's count
+(up to this many characters in all) makes an estimate cost what is new, not all of it."""
 
 
 def _token_counter(encoding: tiktoken.Encoding) -> Callable[[str], int]:
     # encode_ordinary: special-token strings in user text are sent, and billed, as text.
     encode = encoding.encode_ordinary
     short = _short_counts.setdefault(encoding.name, {})
+    long = _long_counts.setdefault(encoding.name, {})
 
     def count(text: str) -> int:
         if len(text) > _SHORT:
-            return len(encode(text))
+            n = long.get(text)
+            if n is None:
+                n = len(encode(text))
+                size = _long_size.get(encoding.name, 0) + len(text)
+                if size > _LONG_CACHED_CHARS:
+                    long.clear()
+                    size = len(text)
+                _long_size[encoding.name] = size
+                long[text] = n
+            return n
         n = short.get(text)
         if n is None:
             n = len(encode(text))
@@ -572,6 +585,8 @@ def _token_counter(encoding: tiktoken.Encoding) -> Callable[[str], int]:
 
 
 _short_counts: dict[str, dict[str, int]] = {}
+_long_counts: dict[str, dict[str, int]] = {}
+_long_size: dict[str, int] = {}
 
 
 def _utf8_len(text: str) -> int:
