@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -57,6 +58,7 @@ _VENDOR_PREFIXES = frozenset(
 _DOTTED_VERSION = re.compile(r"(?<=\d)\.(?=\d)")
 
 
+@functools.lru_cache(maxsize=1024)  # pure in the model name; looked up on every call
 def _canonical(model: str | None) -> str:
     """A model name without routing decoration, for the family tables.
 
@@ -91,6 +93,7 @@ def _model_key(model: str | None) -> str:
     return _SNAPSHOT_SUFFIX.sub("", _canonical(model), count=1)
 
 
+@functools.lru_cache(maxsize=1024)  # pure in the model name; looked up on every call
 def _vendor(name: str, provider: str | None) -> str | None:
     """Whose rules apply: the model family decides, the provider id breaks ties."""
     if name.startswith("claude"):
@@ -154,6 +157,7 @@ _MAX_OUTPUT: tuple[tuple[str, int], ...] = (
 _MAX_OUTPUT_BY_PREFIX = tuple(sorted(_MAX_OUTPUT, key=lambda kv: -len(kv[0])))
 
 
+@functools.lru_cache(maxsize=1024)  # pure in the model name; looked up on every call
 def max_output_tokens(model: str | None) -> int | None:
     """The largest output a well-known model family can produce, or ``None`` if unknown.
 
@@ -610,6 +614,7 @@ _O200K = re.compile(r"(?:gpt-4o|chatgpt-4o|gpt-4\.1|gpt-4\.5|gpt-5|o[134](?:$|-)
 _CL100K = re.compile(r"(?:gpt-4(?:$|-)|gpt-3\.5|gpt-35|text-embedding-3-|text-embedding-ada-002)")
 
 
+@functools.lru_cache(maxsize=1024)  # pure in the model name; looked up on every call
 def encoding_name(model: str | None) -> str | None:
     """The tiktoken encoding of an OpenAI model, or ``None`` for any other model."""
     name = _canonical(model)
