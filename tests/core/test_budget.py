@@ -474,3 +474,22 @@ def test_a_call_without_a_model_under_a_dollar_cap_says_what_to_do() -> None:
     b = Budget(usd=1)
     with pytest.raises(allotment.UnknownPrice, match="names no model"):
         b.reserve(allotment.Call(messages=None))  # type: ignore[arg-type]
+
+
+def test_refusals_survive_pickling_with_every_field() -> None:
+    """Frameworks move errors across processes and thread pools: nothing is lost."""
+    rate = allotment.RateWindowExceeded("too soon", retry_after=12.5, path="run", limit_name="x")
+    back = pickle.loads(pickle.dumps(rate))
+    assert type(back) is allotment.RateWindowExceeded
+    assert (back.retry_after, back.path, str(back)) == (12.5, "run", "too soon")
+    price = pickle.loads(pickle.dumps(allotment.UnknownPrice("m-1", "run")))
+    assert (price.model, price.path, price.limit_name) == ("m-1", "run", "price")
+    b = Budget(usd="0.01", name="p")
+    with pytest.raises(allotment.BudgetExceeded) as info:
+        b.hold(bound("0.02"))
+    again = pickle.loads(pickle.dumps(info.value))
+    assert (again.limit, again.asked, str(again)) == (
+        Decimal("0.01"),
+        Decimal("0.02"),
+        str(info.value),
+    )

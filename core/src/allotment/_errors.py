@@ -103,35 +103,15 @@ class BudgetExceeded(AllotmentError, RuntimeError):
         )
 
     def __reduce__(self) -> Any:
-        # Errors cross process and thread-pool boundaries in frameworks; keep fields.
-        return (
-            _rebuild,
-            (
-                type(self),
-                str(self),
-                self.path,
-                self.limit_name,
-                self.limit,
-                self.spent,
-                self.held,
-                self.asked,
-            ),
-        )
+        # Errors cross process and thread-pool boundaries in frameworks: keep every field,
+        # subclasses' too (retry_after, model), whatever their __init__ takes.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
-def _rebuild(cls: type[BudgetExceeded], message: str, *fields: Any) -> BudgetExceeded:
-    path, limit_name, limit, spent, held, asked = fields
-    err = cls.__new__(cls)
-    BudgetExceeded.__init__(
-        err,
-        message,
-        path=path,
-        limit_name=limit_name,
-        limit=limit,
-        spent=spent,
-        held=held,
-        asked=asked,
-    )
+def _rebuild(cls: type[BudgetExceeded], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    err = Exception.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
     return err
 
 
