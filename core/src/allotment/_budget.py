@@ -843,7 +843,7 @@ class Budget:
         usd = self._tree.price(model, provider, usage, reserving=False)
         if usd is None and hold is not None and hold.reserved.usd is not None:
             # The hold was priced, the settle could not be: charge the hold, flagged.
-            return Usage(**{**_fields(usage), "usd": hold.reserved.usd, "estimated": True})
+            return replace(usage, usd=hold.reserved.usd, estimated=True)
         return usage.with_cost(usd)
 
     def _emit(
@@ -1010,10 +1010,6 @@ def _model(call: Call | None) -> str | None:
     return call.tool_name if call.kind == "tool" else call.model
 
 
-def _fields(usage: Usage) -> dict[str, Any]:
-    return {f: getattr(usage, f) for f in Usage.__slots__}
-
-
 def _nano_or_none(usd: Decimal | None) -> int | None:
     return None if usd is None else to_nano(usd)
 
@@ -1040,18 +1036,7 @@ def _reopen(store: Ledger, spec: NodeSpec, limits: Limits, update: bool) -> tupl
             deadline=existing.deadline if spec.deadline is None else spec.deadline,
             period=existing.period,
         )
-        kept = _limits_of(existing)
-        return joined, Limits(
-            usd=kept.usd,
-            input_tokens=kept.input_tokens,
-            output_tokens=kept.output_tokens,
-            total_tokens=kept.total_tokens,
-            llm_calls=kept.llm_calls,
-            tool_calls=kept.tool_calls,
-            per_tool=kept.per_tool,
-            deadline=joined.deadline,
-            period=existing.period,  # type: ignore[arg-type]
-        )
+        return joined, replace(_limits_of(existing), deadline=joined.deadline)
     same = (
         dict(existing.limits) == dict(spec.limits)
         and tuple(existing.rates) == tuple(spec.rates)
@@ -1092,6 +1077,7 @@ def _limits_of(state: NodeState) -> Limits:
         tool_calls=lim.get("tool_calls"),
         per_tool={d[5:]: x for d, x in lim.items() if d.startswith("tool:")},
         deadline=state.deadline,
+        period=state.period,  # type: ignore[arg-type]
     )
 
 

@@ -37,7 +37,7 @@ def set_default(budget: Budget) -> Callable[[], None]:
 
 
 def pop_default(budget: Budget) -> None:
-    """Undo ``push_default(budget)``; a no-op if it is not there."""
+    """Undo ``set_default(budget)``; a no-op if it is not there."""
     for i in range(len(_default) - 1, -1, -1):
         if _default[i] is budget:
             del _default[i]

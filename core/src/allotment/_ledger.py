@@ -352,12 +352,6 @@ def check_rates(chain: Chain, amounts: Mapping[str, int], now: float) -> Refusal
     return None
 
 
-def log_rates(chain: Chain, hold: str, amounts: Mapping[str, int], now: float) -> None:
-    for m in chain:
-        if m.rates:
-            m.rate_log.append([now, hold, dict(amounts)])
-
-
 def relog_rates(chain: Chain, hold: str, amounts: Mapping[str, int] | None) -> None:
     """Replace a hold's rate entries with its actual usage (or drop them on release)."""
     for m in chain:
